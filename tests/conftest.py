@@ -181,7 +181,11 @@ def mlflow_server(s3_endpoint: S3Endpoint, tmp_services: Path) -> Iterator[Mlflo
     bucket = s3_endpoint.create_bucket("mlflow")
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    env = {**os.environ, **FAKE_AWS_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint.url}
+    env = {
+        **os.environ, **FAKE_AWS_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint.url,
+        # The job runner starts extra processes and slows shutdown; no test uses it.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     log = open(tmp_services / "mlflow.log", "wb")  # noqa: SIM115 - closed after the session
     process = subprocess.Popen(
         [
