@@ -234,6 +234,7 @@ def ray_head(tmp_services: Path) -> Iterator[RayHead]:
         wait_for_http(f"{dashboard_url}/api/version", timeout=120, process=process)
         yield RayHead(f"127.0.0.1:{gcs_port}", dashboard_url)
     finally:
-        stop_process(process, timeout=60)
+        # `ray start --block` ignores SIGTERM in Ray 2.60, so do not wait long for it.
+        stop_process(process, timeout=10)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
