@@ -750,6 +750,9 @@ def _train_and_report(
     first_epoch, history = 0, []
     if restored is not None:
         first_epoch, history = _restore(restored, runs, family, params)
+    elif family != "learnable":
+        # A fixed schedule is known before training, so pruned trials get its plot too.
+        _log_schedule_plots(spec, family, runs, trial_run)
 
     loss_fn = _loss_function(spec.loss)
     weights = {ds.name: float(ds.weight) for ds in spec.datasets}
@@ -768,8 +771,8 @@ def _train_and_report(
         if diverged is not None:
             report = _diverged_report(epoch, diverged, spec, history[-1] if history else None)
             history.append(report)
-            publish(report, None)
             trial_run.log_metrics(_numeric(report), step=epoch)
+            publish(report, None)
             break
 
         report = {"epoch": float(epoch)}
@@ -778,8 +781,9 @@ def _train_and_report(
         report["diverged"] = 0.0
         history.append(report)
 
-        publish(report, _checkpoint_state(runs, epoch, history, family, params))
+        # Log before publishing: Tune stops a pruned trial inside `publish`.
         trial_run.log_metrics(_numeric(report), step=epoch)
+        publish(report, _checkpoint_state(runs, epoch, history, family, params))
 
     _log_final_artifacts(spec, family, params, runs, history, trial_run, diverged)
     return history, diverged
@@ -834,9 +838,9 @@ def schedule_curves(run: _DatasetRun, *, max_points: int = 1000) -> tuple[np.nda
     return steps, {label: values[:, column] for column, label in enumerate(picked)}
 
 
-def _log_final_artifacts(spec: SweepSpec, family: str, params: dict[str, Any],
-                         runs: list[_DatasetRun], history: list[dict[str, Any]],
-                         trial_run: Any, diverged: str | None) -> None:
+def _log_schedule_plots(spec: SweepSpec, family: str, runs: list[_DatasetRun],
+                        trial_run: Any) -> None:
+    """Log the temperature (or margin) over training of each dataset as a PNG."""
     from mmts_search import tracking
 
     ylabel = "margin" if spec.loss == "max_margin" else "temperature"
@@ -846,6 +850,15 @@ def _log_final_artifacts(spec: SweepSpec, family: str, params: dict[str, Any],
                                         title=f"{family} schedule on {run.name}")
         trial_run.log_figure(figure, "schedule.png" if len(runs) == 1
                              else f"schedule_{run.name}.png")
+
+
+def _log_final_artifacts(spec: SweepSpec, family: str, params: dict[str, Any],
+                         runs: list[_DatasetRun], history: list[dict[str, Any]],
+                         trial_run: Any, diverged: str | None) -> None:
+
+    if family == "learnable":
+        # The learned temperature is known only after training.
+        _log_schedule_plots(spec, family, runs, trial_run)
 
     trial_run.log_dict(_json_safe({
         "config": {"family": family, **params},
