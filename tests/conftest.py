@@ -214,7 +214,7 @@ def ray_head(tmp_services: Path) -> Iterator[RayHead]:
         yield RayHead(address, dashboard)
         return
 
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, agent_port = free_port(), free_port(), free_port()
     log = open(tmp_services / "ray-head.log", "wb")  # noqa: SIM115 - closed after the session
     # A short temp dir: Ray's socket paths must stay under the 107-byte limit of AF_UNIX.
     temp_dir = Path("/tmp") / f"ray-test-{uuid.uuid4().hex[:6]}"
@@ -223,6 +223,9 @@ def ray_head(tmp_services: Path) -> Iterator[RayHead]:
             str(BIN_DIR / "ray"), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+            # Other local Ray instances take the default agent port, and without an
+            # agent the head accepts no jobs.
+            "--dashboard-agent-listen-port", str(agent_port),
             "--include-dashboard", "true", "--num-cpus", "2", "--num-gpus", "0",
             "--temp-dir", str(temp_dir), "--disable-usage-stats",
         ],

@@ -287,10 +287,39 @@ def test_s3_storage_keeps_results_in_bucket(local_ray: object, s3_endpoint: obje
 
     assert outcome.finished
     assert outcome.experiment_uri == f"s3://{bucket}/runs/on-s3"
-    assert outcome.state_dir == tmp_path / "state" / "on-s3"
+    assert outcome.state_dir.parent == tmp_path / "state"
+    assert outcome.state_dir.name.startswith("on-s3-")
     assert (outcome.state_dir / "optuna.db").is_file()
     keys = {item["Key"] for item in s3_endpoint.client().list_objects_v2(
         Bucket=bucket, Prefix="runs/on-s3/")["Contents"]}
     for name in ("sweep.yaml", "best.yaml", "optuna.db", "tuner.pkl"):
         assert f"runs/on-s3/{name}" in keys
     assert any(key.endswith("result.json") for key in keys)
+
+
+def test_s3_sweeps_of_one_name_keep_separate_state(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmts_search.search.storage import locate_sweep
+
+    monkeypatch.setenv("MMTS_STATE_DIR", str(tmp_path))
+    first = locate_sweep("s3://bucket-a/runs", "demo")
+    second = locate_sweep("s3://bucket-b/runs", "demo")
+
+    assert first.state_dir != second.state_dir
+    assert locate_sweep("s3://bucket-a/runs/", "demo").state_dir == first.state_dir
+
+
+def test_stale_state_is_renamed_not_reused(tmp_path: Path) -> None:
+    from mmts_search.search.driver import _set_aside_stale_state
+    from mmts_search.search.storage import locate_sweep
+
+    location = locate_sweep(str(tmp_path), "demo")
+    location.state_dir.mkdir(parents=True)
+    (location.state_dir / "optuna.db").write_bytes(b"old study")
+
+    _set_aside_stale_state(location)
+
+    assert not (location.state_dir / "optuna.db").exists()
+    stale = list(location.state_dir.glob("optuna.db.stale-*"))
+    assert len(stale) == 1
+    assert stale[0].read_bytes() == b"old study"

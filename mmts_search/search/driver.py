@@ -41,6 +41,7 @@ from mmts_search.search.pruning import make_pruner, make_scheduler
 from mmts_search.search.searcher import StudySearch, make_sampler
 from mmts_search.search.space import SearchSpace
 from mmts_search.search.storage import (
+    STATE_FILES,
     SWEEP_FILE,
     SweepLocation,
     locate_existing_sweep,
@@ -326,6 +327,7 @@ def run_sweep(
 
     sweep_text = dump_sweep(spec)
     location.state_dir.mkdir(parents=True, exist_ok=True)
+    _set_aside_stale_state(location)
     (location.state_dir / SWEEP_FILE).write_text(sweep_text, encoding="utf-8")
     location.upload_state((SWEEP_FILE,))
     logger.info("sweep %s: experiment folder %s", spec.name, location.experiment_uri)
@@ -333,6 +335,22 @@ def run_sweep(
     return _execute(spec, location, sweep_file_text or sweep_text, resume=False,
                     address=address, trainable=trainable, progress=progress, track=track,
                     verbose=verbose)
+
+
+def _set_aside_stale_state(location: SweepLocation) -> None:
+    """Rename state files left by an earlier sweep that never reached Tune's first save.
+
+    Such files (an Optuna study, an MLflow parent run id) would otherwise be picked up by
+    this new sweep. They are renamed, not deleted, so nothing recorded is lost.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for filename in STATE_FILES:
+        path = location.state_dir / filename
+        if path.exists():
+            stale = path.with_name(f"{filename}.stale-{stamp}")
+            path.rename(stale)
+            logger.warning("sweep %s: %s is left from an earlier sweep that did not start; "
+                           "renamed it to %s", location.name, path, stale.name)
 
 
 def resume_sweep(

@@ -10,10 +10,12 @@ there. The driver adds four files of its own, the sweep's *state files*:
 - ``best.yaml``: the best trial as a sweep file that ``mmts-search trial`` accepts.
 
 With local storage the state files sit in the experiment folder itself. With S3 storage
-they sit in a local state folder, ``$MMTS_STATE_DIR/NAME`` (default
-``~/.cache/mmts-search/sweeps/NAME``), because SQLite and the tracking module need a
-local path. Copies go to the S3 experiment folder when the sweep starts and ends, so
-that ``resume s3://...`` works from another machine too.
+they sit in a local state folder, ``$MMTS_STATE_DIR/NAME-HASH`` (default
+``~/.cache/mmts-search/sweeps/NAME-HASH``, where HASH is taken from the S3 experiment
+folder, so that two sweeps of one name in different buckets never share a study),
+because SQLite and the tracking module need a local path. Copies go to the S3 experiment
+folder when the sweep starts and ends, so that ``resume s3://...`` works from another
+machine too.
 
 The S3 endpoint comes from ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL`` or
 ``MLFLOW_S3_ENDPOINT_URL`` (the first one set). Credentials come from the usual AWS
@@ -22,6 +24,7 @@ variables or files, read by pyarrow. They never appear in logs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -176,7 +179,7 @@ def locate_sweep(storage: str, name: str) -> SweepLocation:
     """
     if storage.startswith("s3://"):
         experiment_uri = f"{storage.rstrip('/')}/{name}"
-        return SweepLocation(name, experiment_uri, local_state_root() / name)
+        return SweepLocation(name, experiment_uri, _s3_state_dir(experiment_uri, name))
     if "://" in storage:
         raise ValueError(f"storage {storage!r} is not supported: use a local folder or "
                          "an s3://bucket/prefix URL")
@@ -189,9 +192,14 @@ def locate_existing_sweep(path: str) -> SweepLocation:
     if path.startswith("s3://"):
         experiment_uri = path.rstrip("/")
         name = experiment_uri.rsplit("/", 1)[-1]
-        return SweepLocation(name, experiment_uri, local_state_root() / name)
+        return SweepLocation(name, experiment_uri, _s3_state_dir(experiment_uri, name))
     experiment_dir = Path(path).expanduser().resolve()
     return SweepLocation(experiment_dir.name, str(experiment_dir), experiment_dir)
+
+
+def _s3_state_dir(experiment_uri: str, name: str) -> Path:
+    digest = hashlib.sha256(experiment_uri.encode("utf-8")).hexdigest()[:12]
+    return local_state_root() / f"{name}-{digest}"
 
 
 def _strip_scheme(uri: str) -> str:
