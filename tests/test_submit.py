@@ -271,3 +271,60 @@ def test_real_head_without_token_gives_clear_error(ray_head: object, tmp_path: P
     assert done.returncode == 1
     assert "requires token authentication" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+CLUSTER_SWEEP = """
+name: cluster-e2e
+datasets: [{{name: digits, source: 'builtin:digits-lt'}}]
+model: {{kind: small-encoders, embed_dim: 32}}
+training: {{epochs: 2, seed: 0}}
+schedule:
+  families: [constant, mmts]
+  tau: {{low: 0.05, high: 0.2}}
+  alpha: {{low: 0.0, high: 0.1}}
+  oscillations: 2
+  shift_min: {{low: 0.06, high: 0.1}}
+  shift_max: {{low: 0.2, high: 0.3}}
+search: {{algorithm: random, num_samples: 2, max_concurrent: 2, seed: 0}}
+pruner: {{kind: none}}
+tracking: {{uri: '{uri}', experiment: cluster-e2e}}
+storage: s3://{bucket}/sweeps
+"""
+
+
+@pytest.mark.slow
+def test_cli_submit_tracks_to_server_and_s3(ray_head: object, mlflow_server: object,
+                                            s3_endpoint: object, tmp_path: Path) -> None:
+    """The cluster user's path: submit, the job trains, MLflow and S3 hold the results."""
+    from mlflow import MlflowClient
+
+    bucket = s3_endpoint.create_bucket("cluster")
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(CLUSTER_SWEEP.format(uri=mlflow_server.uri, bucket=bucket))
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_endpoint.url}
+
+    result = subprocess.run(
+        [str(CLI), "submit", str(sweep_file), "--address", ray_head.dashboard_url, "--wait"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("cluster-e2e")
+    runs = client.search_runs([experiment.experiment_id], max_results=50)
+    parents = [run for run in runs if run.data.tags.get("mmts.role") == "parent"]
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    assert len(parents) == 1
+    assert len(children) == 2
+    assert {run.info.status for run in [*parents, *children]} == {"FINISHED"}
+
+    keys = [item["Key"] for item in s3_endpoint.client().list_objects_v2(
+        Bucket=bucket, Prefix="sweeps/cluster-e2e/")["Contents"]]
+    assert any("checkpoint_" in key for key in keys), keys[:20]
+    assert "sweeps/cluster-e2e/best.yaml" in keys
+    pages = s3_endpoint.client().get_paginator("list_objects_v2").paginate(
+        Bucket=mlflow_server.artifact_bucket)
+    artifact_keys = [item["Key"] for page in pages for item in page.get("Contents", [])]
+    for child in children:
+        assert any(key.endswith(f"{child.info.run_id}/artifacts/schedule.png")
+                   for key in artifact_keys)
