@@ -309,6 +309,9 @@ def _run_and_report(call: Callable[..., Any], *, top: int, **kwargs: Any) -> Non
     _print_outcome(outcome, top=top)
     if not outcome.finished:
         raise typer.Exit(EXIT_INTERRUPTED)
+    if outcome.best_yaml is None:
+        # Every trial failed or diverged: scripts and CI must not read this as success.
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -177,3 +177,48 @@ def test_report_unknown_experiment_exit_1(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "no-such-experiment" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_run_exits_1_when_no_trial_completes(tmp_path: Path) -> None:
+    sweep = tmp_path / "broken.yaml"
+    sweep.write_text(
+        "name: broken\n"
+        f"datasets: [{{name: gone, source: features, path: '{tmp_path / 'missing'}'}}]\n"
+        "model: {kind: projection, embed_dim: 16}\n"
+        "training: {epochs: 2}\n"
+        "schedule: {families: [constant], tau: 0.1}\n"
+        "search: {algorithm: random, num_samples: 1, max_concurrent: 1, max_failures: 0}\n"
+        "pruner: {kind: none}\n"
+        f"tracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n"
+        f"storage: '{tmp_path / 'results'}'\n"
+    )
+
+    done = subprocess.run([str(CLI), "run", str(sweep)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "No trial completed" in done.stdout
+
+
+def test_secret_scan_survives_concurrent_environment_changes() -> None:
+    import os
+    import threading
+
+    from mmts_search.tracking._secrets import _secret_env_values
+
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            os.environ["MMTS_TEST_CHURN_TOKEN"] = "churning-value-123"
+            os.environ.pop("MMTS_TEST_CHURN_TOKEN", None)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(3000):
+            _secret_env_values()
+    finally:
+        stop.set()
+        thread.join()

@@ -60,12 +60,24 @@ def _mask_aws_secret_key(match: re.Match[str]) -> str:
     return MASK if has_upper and has_lower and has_digit else text
 
 
+def _environment_names() -> list[str]:
+    # MLflow's telemetry thread sets and removes variables while this runs, which makes
+    # iterating os.environ raise; a retry sees a consistent set of names.
+    for _ in range(5):
+        try:
+            return list(os.environ)
+        except RuntimeError:
+            continue
+    return list(os.environ)
+
+
 def _secret_env_values() -> list[str]:
-    values = [
-        value
-        for name, value in os.environ.items()
-        if _SECRET_ENV_NAME.search(name) and len(value) >= _MIN_ENV_SECRET_LENGTH
-    ]
+    values = []
+    for name in _environment_names():
+        value = os.environ.get(name)
+        if (value is not None and _SECRET_ENV_NAME.search(name)
+                and len(value) >= _MIN_ENV_SECRET_LENGTH):
+            values.append(value)
     # Longest first, so that a secret that contains another is masked whole.
     return sorted(set(values), key=len, reverse=True)
 
