@@ -651,3 +651,23 @@ def test_metrics_survive_server_outage(own_server, tmp_path):
     assert late.run_id is not None
     assert client.get_run(late.run_id).data.tags["mlflow.parentRunId"] == sweep.run_id
     assert [p.value for p in client.get_metric_history(late.run_id, "rsum")] == [7.0]
+
+
+def test_trial_error_text_unwraps_ray_task_error() -> None:
+    from ray.exceptions import RayTaskError
+
+    from mmts_search.tracking.tune import trial_error_text
+
+    cause = ValueError("features file items.npy not found")
+    wrapped = RayTaskError("train_trial", "\x1b[36mTraceback (most recent call last)\x1b[0m ...",
+                           cause)
+
+    class FailedTrial:
+        trial_id = "abc123"
+
+        def get_error(self) -> BaseException:
+            return wrapped
+
+    text = trial_error_text(FailedTrial())
+
+    assert text == "ValueError: features file items.npy not found"

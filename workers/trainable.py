@@ -711,7 +711,8 @@ def _execute(
         raise
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
-        logger.exception("trial %s failed: %s", trial_id, message)
+        # The caller gets the traceback with the re-raised error; a log line is enough.
+        logger.error("trial %s failed: %s", trial_id, message)
         trial_run.finish("FAILED", {"error": tracking.redact(message)[:5000]})
         raise
     finally:

@@ -7,6 +7,7 @@ not import Ray Tune.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from ray.tune import Callback
 from mmts_search.tracking._secrets import redact
 
 logger = logging.getLogger(__name__)
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def trial_error_text(trial: Any) -> str:
@@ -28,7 +32,12 @@ def trial_error_text(trial: Any) -> str:
             logger.debug("trial %s: get_error failed: %s", trial.trial_id, lookup_error)
         else:
             if error is not None:
-                return f"{type(error).__name__}: {error}"
+                # Ray wraps the trial's exception in a RayTaskError whose text is a whole
+                # traceback with terminal colours; the cause is what a reader needs.
+                cause = getattr(error, "cause", None)
+                if isinstance(cause, BaseException):
+                    error = cause
+                return _ANSI_ESCAPE.sub("", f"{type(error).__name__}: {error}")
     message = getattr(trial, "error_msg", None)
     if message:
         return str(message)
