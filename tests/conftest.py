@@ -2,7 +2,7 @@
 
 CI (`.ci/run`) starts one S3 endpoint (moto server), one MLflow server and one Ray head
 before the tests and passes their addresses in environment variables. Outside CI each
-fixture starts its own service on a free port the first time a test asks for it, and stops
+fixture starts its own service on a free port the first time a test requests it, and stops
 it at the end of the session.
 
 Environment variables read here:
@@ -73,7 +73,7 @@ def free_port() -> int:
 
 
 def wait_for_http(url: str, *, timeout: float, process: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers with any HTTP status; raise after ``timeout`` seconds."""
+    """Poll ``url`` until it responds with any HTTP status; raise after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:

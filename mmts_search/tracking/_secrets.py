@@ -62,7 +62,7 @@ def _mask_aws_secret_key(match: re.Match[str]) -> str:
 
 def _environment_names() -> list[str]:
     # MLflow's telemetry thread sets and removes variables while this runs, which makes
-    # iterating os.environ raise; a retry sees a consistent set of names.
+    # iterating os.environ raise, so the copy of the names is retried.
     for _ in range(5):
         try:
             return list(os.environ)
