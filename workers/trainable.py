@@ -858,8 +858,8 @@ def _log_final_artifacts(spec: SweepSpec, family: str, params: dict[str, Any],
                          trial_run: Any, diverged: str | None) -> None:
 
     if family == "learnable":
-        # NOTE: this plot shows the final learned temperature as a flat line; how it moved
-        # during training is in the per-epoch tau_mean, tau_min and tau_max metrics.
+        # NOTE: this plot shows the final learned temperature as a flat line. The per-epoch
+        # tau_mean, tau_min and tau_max metrics show how it moved during training.
         _log_schedule_plots(spec, family, runs, trial_run)
 
     trial_run.log_dict(_json_safe({

@@ -165,7 +165,7 @@ def connect_ray(address: str | None = None, *, verbose: bool = False) -> bool:
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on a GCS address nobody listens on, where `ray.init` retries for minutes."""
+    """Fail fast on a GCS address with no server, where `ray.init` retries for minutes."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise SweepError(f"invalid Ray address {address!r}: expected host:port (the GCS "

@@ -291,8 +291,8 @@ def submit_sweep(spec: Any, *, address: str, verbose: bool = False) -> str:
                     )
                 break
             except SubmitError as exc:
-                # A head that has just started answers 500 "No available agent to submit
-                # job" until its job agent is up.
+                # A head that has just started responds with 500 "No available agent to
+                # submit job" until its job agent is up.
                 if "No available agent" not in str(exc) or time.monotonic() > deadline:
                     raise
                 logger.info("sweep %s: the job agent at %s is not ready yet; retrying in "
