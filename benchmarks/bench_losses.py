@@ -189,8 +189,8 @@ def bench_batch(report: Report, batch: int, device: torch.device) -> None:
     report.add(f"max_margin_speedup_vs_pairs.B{batch}", speedup,
                op=">=" if min_speedup else None, target=min_speedup)
 
-    # A loss that cost no more than its three matrix products would reach this speedup;
-    # no implementation of the same math can beat it on this machine.
+    # A loss that cost no more than its three matrix products would reach this speedup.
+    # No implementation of the same math can beat it on this machine.
     bound = seconds.ratio("pairs_reference", "bare")
     report.add(f"max_margin_speedup_bound.B{batch}", bound)
     if min_speedup and speedup < min_speedup:

@@ -6,7 +6,7 @@ server, exit with 1, and an interrupted sweep exits with 130 (resume it). User e
 message without a Python traceback; ``--verbose`` adds the log lines of the driver.
 
 Heavy imports (Ray, Optuna, MLflow, torch) happen inside the commands, so that
-``--help`` answers at once.
+``--help`` returns at once.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""What runs inside a Ray Tune worker: datasets, dual encoders and the trial trainable.
+"""Code that runs inside a Ray Tune worker: datasets, dual encoders and the trainable.
 
-Importing the package loads nothing heavy; import `workers.trainable`, `workers.data` or
+Importing the package loads nothing heavy. Import `workers.trainable`, `workers.data` or
 `workers.models` for their contents.
 """

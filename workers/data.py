@@ -2,7 +2,7 @@
 
 `load_dataset` turns one `DatasetSpec` of the sweep file into a `TrialData`. It contains a
 train and a test split of paired items (images, video clips) and captions, with the
-training frequency of each caption's concept. Where they exist, it also holds concept
+training frequency of each caption's concept. Where they exist, it also contains concept
 labels for class-relevance metrics.
 
 Sources

@@ -10,10 +10,10 @@ there. The driver adds four files of its own, the sweep's *state files*:
 - ``best.yaml``: the best trial as a sweep file that ``mmts-search trial`` accepts.
 
 With local storage the state files sit in the experiment folder itself. With S3 storage
-they sit in a local state folder, ``$MMTS_STATE_DIR/NAME-HASH`` (default
-``~/.cache/mmts-search/sweeps/NAME-HASH``, where HASH is taken from the S3 experiment
-folder, so that two sweeps of one name in different buckets never share a study),
-because SQLite and the tracking module need a local path. Copies go to the S3 experiment
+they sit in a local state folder, because SQLite and the tracking module need a local
+path. That folder is ``$MMTS_STATE_DIR/NAME-HASH`` (default
+``~/.cache/mmts-search/sweeps/NAME-HASH``). HASH comes from the S3 experiment folder, so
+two sweeps of one name in different buckets never share a study. Copies go to the S3 experiment
 folder when the sweep starts and ends, so that ``resume s3://...`` works from another
 machine too.
 
